@@ -22,7 +22,7 @@ from parsing.synthetic import (
     sample_face_params,
 )
 from parsing.synthetic.dataset import ImageTask, plan_split
-from parsing.synthetic.faces import GeneratorConfig
+from parsing.synthetic.faces import DIFFICULTY_PRESETS, GeneratorConfig, generator_config_for
 
 PART = {name: index for index, name in enumerate(FACE_PARTS_19)}
 SIZE = 48
@@ -263,6 +263,28 @@ def test_cli_writes_dataset_and_figure(tmp_path):
     assert figure.shape[0] > 300
     assert figure.shape[1] > 300
     assert list(figure_path.parent.iterdir()) == [figure_path]
+
+
+def test_difficulty_presets():
+    assert generator_config_for("standard") == GeneratorConfig()
+    easy = generator_config_for("easy")
+    standard = GeneratorConfig()
+    assert easy.intensity_range[0] > standard.intensity_range[0]
+    assert easy.max_roll_deg < standard.max_roll_deg
+    assert easy.max_clutter_shapes < standard.max_clutter_shapes
+    assert set(DIFFICULTY_PRESETS) == {"standard", "easy"}
+    with pytest.raises(ValueError, match="hard"):
+        generator_config_for("hard")
+
+
+def test_cli_difficulty_in_manifest(tmp_path):
+    parser = _parser()
+    root = tmp_path / "easy"
+    args = parser.parse_args(["synth", "--out", str(root), "--seed", "2", "--size", "32", "--train-per-class", "1",
+                              "--test-per-class", "1", "--difficulty", "easy"])
+    assert args.func(args) == 0
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["config"]["intensity_range"] == list(generator_config_for("easy").intensity_range)
 
 
 def test_cli_rejects_existing_dataset(tmp_path, caplog):

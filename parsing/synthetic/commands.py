@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from parsing.synthetic.dataset import generate_dataset
+from parsing.synthetic.faces import DIFFICULTY_PRESETS, generator_config_for
 from parsing.synthetic.figure import write_figure
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ def add_commands(subparsers) -> None:
         "--workers", type=int, default=0,
         help="worker processes; 0 draws in this process (default: 0). Does not change the output",
     )
+    synth.add_argument(
+        "--difficulty", choices=sorted(DIFFICULTY_PRESETS), default="standard",
+        help="preset of expression strength and nuisance variation; easy suits short CPU runs (default: standard)",
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace an earlier dataset in --out")
     synth.set_defaults(func=run_synth)
 
@@ -55,7 +60,7 @@ def run_synth(args: argparse.Namespace) -> int:
         manifest = generate_dataset(
             args.out, args.seed, size=args.size, train_per_class=args.train_per_class,
             test_per_class=args.test_per_class, label_noise=args.label_noise, workers=args.workers,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, config=generator_config_for(args.difficulty),
         )
     except (ValueError, FileExistsError) as error:
         logger.error("synth failed: %s", error)

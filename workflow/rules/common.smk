@@ -291,7 +291,7 @@ def get_cache_args(wildcards):
 def get_synth_args(wildcards):
     spec = DATASETS[synth_roots()[wildcards.synth_root]]["synth"]
     args = ["--seed", str(spec["seed"])]
-    for key in ("size", "train_per_class", "test_per_class", "label_noise"):
+    for key in ("size", "train_per_class", "test_per_class", "label_noise", "difficulty"):
         if key in spec:
             option = key.replace("_", "-")
             args += [f"--{option}", str(spec[key])]
