@@ -713,7 +713,12 @@ def train(
         if last_result is None:
             # The checkpoint already held the last epoch (a run stopped while writing outputs).
             last_result, _ = evaluate(state.model, test_split, config, runtime)
+            write_epochs_csv(out_dir / "epochs.csv", state.history)
         final_metrics = write_final_outputs(out_dir, state, config, runtime, train_split, test_split, last_result)
+        # A finished run keeps no resume state: the same command run again (for example
+        # by `snakemake --force` on this run) trains afresh instead of resuming a run
+        # that has nothing left to do. model.pt holds the final weights.
+        checkpoint_path.unlink()
         log.info(
             "finished %s: final-epoch test accuracy %.4f, mean class accuracy %.4f",
             out_dir,

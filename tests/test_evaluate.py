@@ -70,10 +70,16 @@ def test_evaluate_rejects_other_class_names(finished_run, tmp_path):
         evaluate_model_file(renamed, cache, tmp_path / "out")
 
 
-def test_load_model_file_rejects_checkpoint(finished_run):
-    run, _ = finished_run
+def test_load_model_file_rejects_checkpoint(finished_run, tmp_path):
+    # A finished run deletes its checkpoint, so stop one after its first of two epochs.
+    _, cache = finished_run
+    config = TrainConfig(
+        cache=str(cache), archive=None, out=str(tmp_path / "stopped"), variant="baseline", seed=1,
+        backbone_weights="none", epochs=2, batch_size=7, lr=1e-3, crop_size=28, device="cpu",
+    )
+    assert train(config, stop_after=1) is None
     with pytest.raises(ValueError, match="is not a slfer model file"):
-        load_model_file(run / "checkpoint.pt", torch.device("cpu"))
+        load_model_file(tmp_path / "stopped" / "checkpoint.pt", torch.device("cpu"))
 
 
 def test_load_model_file_missing(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -78,8 +79,9 @@ def test_lr_schedule_paper_milestones(tmp_path):
 
 
 def test_run_writes_outputs(full_run):
-    for name in ("config.json", "epochs.csv", "metrics.json", "predictions.csv", "features.npz", "model.pt", "checkpoint.pt"):
+    for name in ("config.json", "epochs.csv", "metrics.json", "predictions.csv", "features.npz", "model.pt"):
         assert (full_run / name).is_file(), name
+    assert not (full_run / "checkpoint.pt").exists(), "a finished run keeps no resume state"
     assert not list(full_run.glob(".*.tmp")), "temporary files left behind"
 
     rows = _read_csv(full_run / "epochs.csv")
@@ -148,32 +150,26 @@ def test_resume_matches_uninterrupted(tiny_data, full_run, tmp_path):
     assert (out / "predictions.csv").read_text() == (full_run / "predictions.csv").read_text()
 
 
-def test_resume_rejects_changed_settings(tiny_data, full_run):
+def test_resume_rejects_changed_settings(tiny_data, tmp_path):
     cache, archive = tiny_data
-    config = resolve_train_config(build_parser().parse_args(_train_args(cache, archive, full_run, "--lr", "5e-4")))
+    out = tmp_path / "stopped"
+    assert main(_train_args(cache, archive, out, "--stop-after", "1")) == 0
+    config = resolve_train_config(build_parser().parse_args(_train_args(cache, archive, out, "--lr", "5e-4")))
     with pytest.raises(ValueError, match=r"settings differ \(lr: checkpoint 0.001, now 0.0005\)"):
         train(config)
 
 
-def test_short_training_beats_chance(tmp_path):
-    cache, archive = write_tiny_dataset(tmp_path / "data", size=32, train_per_class=6, test_per_class=3, seed=1)
-    config = TrainConfig(
-        cache=str(cache),
-        archive=None,
-        out=str(tmp_path / "run"),
-        variant="baseline",
-        seed=0,
-        backbone_weights="none",
-        epochs=2,
-        batch_size=8,
-        lr=1e-3,
-        crop_size=28,
-        device="cpu",
-    )
-    metrics = train(config)
-    # Seven colour-coded classes: chance is 1/7.
-    assert metrics["accuracy"] >= 0.6
-    assert metrics["mean_class_accuracy"] >= 0.6
+def test_finished_run_retrains_when_rerun(tiny_data, full_run, tmp_path):
+    # What `snakemake --force` does to a finished run: delete its outputs, run the command again.
+    cache, archive = tiny_data
+    out = tmp_path / "rerun"
+    shutil.copytree(full_run, out)
+    for name in ("metrics.json", "epochs.csv", "predictions.csv", "features.npz", "model.pt", "config.json"):
+        (out / name).unlink()
+    assert main(_train_args(cache, archive, out)) == 0
+    assert len(_read_csv(out / "epochs.csv")) == 3
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((full_run / "metrics.json").read_text())
+    assert not (out / "checkpoint.pt").exists()
 
 
 @pytest.mark.slow
