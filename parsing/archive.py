@@ -325,6 +325,8 @@ def archive_attrs(
         "package_version": parsing.__version__,
         "created": utc_timestamp(),
     }
+    if "source_hash" in cache.attrs:
+        attrs["source_hash"] = cache.attrs["source_hash"]
     if shard is not None:
         attrs["shard"] = f"{shard[0]}/{shard[1]}"
     return attrs
@@ -546,6 +548,14 @@ def archive_cache_problems(archive: h5py.File, cache: CacheInfo) -> list[str]:
         )
     if attrs["mask_size"] != cache.image_size:
         problems.append(f"mask size {attrs['mask_size']} differs from the cache image size {cache.image_size}")
+    # Names and labels can coincide across different image files (two renderings of a
+    # synthetic set, a re-aligned release); the source hash covers the files' bytes.
+    archive_source, cache_source = attrs.get("source_hash"), cache.attrs.get("source_hash")
+    if archive_source and cache_source and archive_source != cache_source:
+        problems.append(
+            f"source_hash: archive {archive_source} vs cache {cache_source}; the archive was parsed "
+            "from other image files than the ones this cache was built from"
+        )
 
     names = _read_strings(archive["names"])
     split = _read_strings(archive["split"])

@@ -4,10 +4,12 @@ Layout (format "slfer-image-cache", format_version 1):
 
 - ``/images`` uint8 [N, S, S, 3] RGB, chunks (1, S, S, 3), uncompressed.
 - ``/names`` UTF-8 str [N] (names relative to the dataset root), ``/labels`` int16 [N]
-  (ids into ``EXPRESSIONS``), ``/split`` UTF-8 str [N].
+  (ids into ``EXPRESSIONS``), ``/split`` UTF-8 str [N], ``/source_sha256`` ASCII [N]
+  (SHA-256 of each source file's bytes).
 - attrs: format, format_version, dataset, image_list_hash, image_size, expressions (JSON),
   skipped (JSON list of {"path", "reason"}), source_format, package_version, created
-  (ISO 8601 UTC), and resize (how images were resized).
+  (ISO 8601 UTC), resize (how images were resized) and source_hash (``source_hash()`` of
+  the per-file digests).
 
 Images are resized to S x S without cropping or padding (see ``parsing.imageio.resize_rgb``).
 The cache holds licensed face images, so it stays on the machine that built it. This module
@@ -46,7 +48,7 @@ from parsing.datasets import (
     format_counts_table,
     read_dataset,
 )
-from parsing.imageio import BadImageError, decode_rgb, resize_rgb
+from parsing.imageio import BadImageError, decode_rgb_bytes, resize_rgb
 from parsing.labels import EXPRESSIONS
 
 logger = logging.getLogger(__name__)
@@ -102,21 +104,35 @@ def image_list_hash(names: Sequence[str], labels: Iterable[int], splits: Sequenc
     return digest.hexdigest()
 
 
-def load_resized(path: Path, size: int) -> tuple[np.ndarray | None, str | None]:
-    """Decode and resize one image; return (uint8 [size, size, 3], None) or (None, reason).
+def load_resized(path: Path, size: int) -> tuple[np.ndarray | None, str | None, str | None]:
+    """Decode and resize one image; return (uint8 [size, size, 3], None, file SHA-256) or
+    (None, reason, None).
 
     Only ``BadImageError`` becomes a reason; any other exception propagates.
     """
     try:
-        image = decode_rgb(path)
+        data = path.read_bytes()
+    except OSError as error:
+        return None, f"cannot read the file ({error})", None
+    try:
+        image = decode_rgb_bytes(data, path)
     except BadImageError as error:
-        return None, error.reason
-    return resize_rgb(image, size), None
+        return None, error.reason, None
+    return resize_rgb(image, size), None, hashlib.sha256(data).hexdigest()
+
+
+def source_hash(file_digests: Sequence[str]) -> str:
+    """Hash the SHA-256 digests of the source image files, in cache order, into one digest.
+
+    Two caches built from the same files have the same source hash whatever their decoder
+    or resize, so an archive can be checked against the files it was parsed from.
+    """
+    return hashlib.sha256("\n".join(file_digests).encode("ascii")).hexdigest()
 
 
 def _decoded_images(
     paths: list[Path], size: int, workers: int
-) -> Iterator[tuple[np.ndarray | None, str | None]]:
+) -> Iterator[tuple[np.ndarray | None, str | None, str | None]]:
     """Yield ``load_resized`` results in the order of ``paths``, with optional processes."""
     if workers <= 0:
         for path in paths:
@@ -176,12 +192,14 @@ def build_cache(
             dtype=np.uint8,
             chunks=(1, size, size, 3),
         )
-        kept = _write_images(images, records, size, on_bad, workers, skips, dataset_name)
+        kept, digests = _write_images(images, records, size, on_bad, workers, skips, dataset_name)
         if not kept:
             raise DatasetError(f"none of the {count} images of {listing.root} could be decoded")
         images.resize(len(kept), axis=0)
         _write_index(handle, kept)
+        handle.create_dataset("source_sha256", data=np.array(digests, dtype="S64"))
         _write_attrs(handle, listing, kept, dataset_name, size, skips.skipped)
+        handle.attrs["source_hash"] = source_hash(digests)
 
     written = DatasetListing(kept, skips.skipped, listing.source_format, listing.root)
     logger.info(
@@ -202,14 +220,18 @@ def _write_images(
     workers: int,
     skips: SkipLog,
     dataset_name: str,
-) -> list[ImageRecord]:
-    """Decode ``records`` into consecutive rows of ``images``; return the records written."""
+) -> tuple[list[ImageRecord], list[str]]:
+    """Decode ``records`` into consecutive rows of ``images``.
+
+    Returns the records written and the SHA-256 of each one's file.
+    """
     kept: list[ImageRecord] = []
+    digests: list[str] = []
     decoded = _decoded_images([record.path for record in records], size, workers)
     # closing() shuts the worker pool down at once when the loop raises.
     with contextlib.closing(decoded):
         progress = tqdm(decoded, total=len(records), desc=f"cache {dataset_name}", unit="image")
-        for record, (image, reason) in zip(records, progress):
+        for record, (image, reason, digest) in zip(records, progress):
             if image is None:
                 if on_bad == "error":
                     raise BadImageError(record.path, f"{reason}. {SKIP_HINT}")
@@ -217,7 +239,8 @@ def _write_images(
                 continue
             images[len(kept)] = image
             kept.append(record)
-    return kept
+            digests.append(digest)
+    return kept, digests
 
 
 def _write_index(handle: h5py.File, records: list[ImageRecord]) -> None:

@@ -74,6 +74,15 @@ def decode_rgb(path: str | os.PathLike) -> np.ndarray:
         data = path.read_bytes()
     except OSError as error:
         raise BadImageError(path, f"cannot read the file ({error})") from error
+    return decode_rgb_bytes(data, path)
+
+
+def decode_rgb_bytes(data: bytes, path: str | os.PathLike) -> np.ndarray:
+    """Decode the bytes of an image file into a uint8 RGB array [H, W, 3].
+
+    ``path`` names the file in errors. Raises ``BadImageError`` as ``decode_rgb`` does.
+    """
+    path = Path(path)
     if not data:
         raise BadImageError(path, "the file is empty (0 bytes)")
 

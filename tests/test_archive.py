@@ -502,3 +502,28 @@ def test_failed_rewrite_keeps_old_archive(tmp_path: Path, archive_path: Path, ca
             [(0, np.full((10, SIZE, SIZE), 30, dtype=np.uint8))],
         )  # fmt: skip
     assert archive_path.read_bytes() == before
+
+
+def test_validate_other_source_files(tmp_path: Path):
+    # Two renderings with identical names, labels and splits: only the file bytes differ.
+    from parsing.cache import build_cache
+    from parsing.datasets import read_dataset
+    from parsing.parsers import LabelMapParser, parse_cache
+    from parsing.synthetic import generate_dataset
+
+    caches = []
+    for seed in (3, 4):
+        root = tmp_path / f"synth{seed}"
+        generate_dataset(root, seed=seed, size=32, train_per_class=1, test_per_class=1, label_noise=0.0)
+        caches.append((root, build_cache(read_dataset("folder", root / "images"), tmp_path / f"c{seed}.h5", "synth", size=32)))
+    (root_a, cache_a), (_, cache_b) = caches
+    archive = tmp_path / "masks_a.h5"
+    parse_cache(cache_a, archive, LabelMapParser(root_a / "labels"), ArchiveSettings(DEFAULT_MERGE_19_TO_8, 4), workers=0)
+
+    assert validate_archive(archive, cache_a) == []
+    problems = validate_archive(archive, cache_b)
+    assert len(problems) == 1
+    assert problems[0].startswith("source_hash: archive ")
+    assert "other image files" in problems[0]
+    with pytest.raises(ArchiveMismatchError, match="source_hash"):
+        load_split(cache_b, archive, split="train")

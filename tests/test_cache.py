@@ -220,15 +220,15 @@ def test_interrupted_write_leaves_no_cache(tmp_path, monkeypatch, error_type):
     out = tmp_path / "cache.h5"
     out.write_bytes(b"previous cache")
     calls = []
-    real_decode = parsing.cache.decode_rgb
+    real_decode = parsing.cache.decode_rgb_bytes
 
-    def failing_decode(path):
+    def failing_decode(data, path):
         calls.append(path)
         if len(calls) == 3:
             raise error_type("simulated failure while decoding")
-        return real_decode(path)
+        return real_decode(data, path)
 
-    monkeypatch.setattr(parsing.cache, "decode_rgb", failing_decode)
+    monkeypatch.setattr(parsing.cache, "decode_rgb_bytes", failing_decode)
     with pytest.raises(error_type, match="simulated failure"):
         build_cache(listing, out, "demo", size=SIZE)
     assert len(calls) == 3
