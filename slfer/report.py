@@ -104,12 +104,18 @@ def load_seed_metrics(run_dir: Path, seeds: Sequence[int]) -> list[dict]:
             "Run the workflow for these paths first (for example `snakemake --cores all PATH`)."
         )
     metrics = []
-    for path in paths:
+    for seed, path in zip(seeds, paths):
         with path.open() as handle:
             data = json.load(handle)
         for key in ("accuracy", "mean_class_accuracy"):
             if key not in data:
                 raise ValueError(f"{path}: metrics.json has no {key!r} entry; rerun that training job")
+        # A run copied into the wrong seed folder would otherwise count twice.
+        if "seed" in data and int(data["seed"]) != seed:
+            raise ValueError(
+                f"{path}: the run in folder seed{seed} was trained with seed {data['seed']}; "
+                "put each run in the folder of its own seed"
+            )
         metrics.append(data)
     return metrics
 
@@ -150,6 +156,14 @@ def measured_rows(
         except MissingRunError as error:
             missing_errors.append(str(error))
             continue
+        if kind in ("table1", "table2"):
+            # Rows of tables 1 and 2 are variant names: the runs must be of that variant.
+            trained = sorted({entry.get("variant", cell.row) for entry in metrics})
+            if trained != [cell.row]:
+                raise ValueError(
+                    f"row {cell.row!r} of {kind} points at {cell.run_dir}, whose runs trained variant(s) "
+                    f"{', '.join(trained)}; give the run folder of the {cell.row!r} variant"
+                )
         record = {
             "table": kind,
             "row": cell.row,

@@ -21,6 +21,7 @@ def write_metrics(run_dir: Path, seed: int, accuracy: float, mean_class_accuracy
         "mean_class_accuracy": mean_class_accuracy,
         "num_test_images": 100,
         "seed": seed,
+        "variant": run_dir.name,
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
 
@@ -184,3 +185,20 @@ def test_figure4_tsne_panels(tmp_path):
 def test_unknown_paper_key_rejected():
     with pytest.raises(ValueError, match="paper key"):
         report.parse_datasets([["x", "affectnet", "X"]], [])
+
+
+def test_run_in_wrong_seed_folder_rejected(tmp_path, datasets):
+    runs = tmp_path / "runs"
+    fill_runs(runs, [1, 2])
+    copied = runs / "rafdb" / "baseline" / "seed2" / "metrics.json"
+    copied.write_text((runs / "rafdb" / "baseline" / "seed1" / "metrics.json").read_text())
+    with pytest.raises(ValueError, match="seed2 was trained with seed 1"):
+        report.build_table("table1", table1_cells(runs), datasets, [1, 2])
+
+
+def test_row_of_other_variant_rejected(tmp_path, datasets):
+    runs = tmp_path / "runs"
+    fill_runs(runs, [1])
+    cells = [report.Cell(row="baseline", dataset="rafdb", run_dir=runs / "rafdb" / "proposed")]
+    with pytest.raises(ValueError, match="trained variant"):
+        report.build_table("table1", cells, datasets, [1])
