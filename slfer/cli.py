@@ -230,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: print the reason without a traceback and exit with status 2 like argparse.
         log.error("%s", error)
         return 2
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically after each epoch, so nothing is half-written.
+        log.error("interrupted; rerun the same command to resume from the last finished epoch")
+        return 130
 
 
 if __name__ == "__main__":
