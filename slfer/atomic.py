@@ -27,7 +27,9 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # The temporary name keeps the target's suffix, so writers that infer the format from
+    # it (matplotlib's savefig) write the right one: ".figure4.tmp-abc123.png".
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.tmp-", suffix=target.suffix, dir=target.parent)
     os.close(handle)
     temp_path = Path(temp_name)
     try:

@@ -23,19 +23,17 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from parsing.labels import EXPRESSIONS
 from slfer import paper
+from slfer.atomic import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -76,21 +74,6 @@ class Cell:
     row: str
     dataset: str
     run_dir: Path
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` and rename it onto ``path`` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    temporary_path = Path(temporary)
-    try:
-        yield temporary_path
-        os.replace(temporary_path, path)
-    finally:
-        if temporary_path.exists():
-            temporary_path.unlink()
 
 
 def load_seed_metrics(run_dir: Path, seeds: Sequence[int]) -> list[dict]:
@@ -303,9 +286,9 @@ def write_table(
     """Write the table as CSV at ``csv_path`` and as Markdown beside it (same stem, ``.md``)."""
     csv_path = Path(csv_path)
     markdown_path = csv_path.with_suffix(".md")
-    with atomic_path(csv_path) as temporary:
+    with atomic_output(csv_path) as temporary:
         frame.to_csv(temporary, index=False, float_format="%.4f")
-    with atomic_path(markdown_path) as temporary:
+    with atomic_output(markdown_path) as temporary:
         temporary.write_text(render_markdown(kind, frame, datasets, seeds), encoding="utf-8")
     logger.info("wrote %s and %s", csv_path, markdown_path)
     return markdown_path
@@ -334,7 +317,7 @@ def plot_figure3(frame: pd.DataFrame, datasets: Sequence[DatasetColumn], png_pat
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    with atomic_path(Path(png_path)) as temporary:
+    with atomic_output(Path(png_path)) as temporary:
         figure.savefig(temporary, dpi=150, format="png")
     plt.close(figure)
 
@@ -381,7 +364,7 @@ def plot_figure4(panels: Sequence[tuple[str, Path]], png_path: Path, seed: int =
     if note:
         figure.suptitle(note, fontsize=9)
     figure.tight_layout()
-    with atomic_path(Path(png_path)) as temporary:
+    with atomic_output(Path(png_path)) as temporary:
         figure.savefig(temporary, dpi=150, format="png")
     plt.close(figure)
 

@@ -28,39 +28,15 @@ from parsing.archive import (
     validate_archive,
     write_archive,
 )
+from fakes_caches import write_random_cache
 from parsing.labels import DEFAULT_MERGE_19_TO_8, EXPRESSIONS, FACE_PARTS_8, FACE_PARTS_19
 
 SIZE = 16
 
 
 def write_cache(path: Path, count: int = 10, size: int = SIZE, dataset: str = "toy", seed: int = 0) -> Path:
-    """Write an image cache in the slfer-image-cache format (version 1) with random pixels."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(count, dtype=np.int16) % len(EXPRESSIONS)
-    splits = ["train" if i % 3 else "test" for i in range(count)]
-    names = [f"{split}/{EXPRESSIONS[label]}/{i:05d}.png" for i, (label, split) in enumerate(zip(labels, splits))]
-    string = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w") as file:
-        images = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
-        file.create_dataset("images", data=images, chunks=(1, size, size, 3))
-        file.create_dataset("names", data=np.array(names, dtype=object), dtype=string)
-        file.create_dataset("labels", data=labels)
-        file.create_dataset("split", data=np.array(splits, dtype=object), dtype=string)
-        file.attrs.update(
-            {
-                "format": "slfer-image-cache",
-                "format_version": 1,
-                "dataset": dataset,
-                "image_list_hash": image_list_hash(names, labels, splits),
-                "image_size": size,
-                "expressions": json.dumps(list(EXPRESSIONS)),
-                "skipped": "[]",
-                "source_format": "folder",
-                "package_version": "test",
-                "created": "2026-01-01T00:00:00+00:00",
-            }
-        )
-    return path
+    """Write an image cache with random pixels (see fakes_caches)."""
+    return write_random_cache(path, count, size, dataset=dataset, seed=seed, test_every=3, extension="png")
 
 
 def fake_masks19(first: int, count: int, size: int = SIZE) -> np.ndarray:

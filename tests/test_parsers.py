@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import cv2
@@ -15,7 +14,7 @@ from facexlib.parsing.bisenet import BiSeNet
 from PIL import Image
 
 from parsing.archive import load_split, merge_masks, read_cache_info, validate_archive
-from parsing.cache import image_list_hash
+from fakes_caches import write_cache_file
 from parsing.labels import DEFAULT_MERGE_19_TO_8, EXPRESSIONS
 from parsing.parsers import (
     IMAGENET_MEAN,
@@ -45,27 +44,7 @@ def write_cache(path: Path, count: int = 6, size: int = SIZE) -> Path:
     labels = np.arange(count, dtype=np.int16) % len(EXPRESSIONS)
     splits = ["train" if i % 2 else "test" for i in range(count)]
     names = [f"{split}/{EXPRESSIONS[label]}/img{i}.jpg" for i, (label, split) in enumerate(zip(labels, splits))]
-    string = h5py.string_dtype("utf-8")
-    with h5py.File(path, "w") as file:
-        file.create_dataset("images", data=images, chunks=(1, size, size, 3))
-        file.create_dataset("names", data=np.array(names, dtype=object), dtype=string)
-        file.create_dataset("labels", data=labels)
-        file.create_dataset("split", data=np.array(splits, dtype=object), dtype=string)
-        file.attrs.update(
-            {
-                "format": "slfer-image-cache",
-                "format_version": 1,
-                "dataset": "toy",
-                "image_list_hash": image_list_hash(names, labels, splits),
-                "image_size": size,
-                "expressions": json.dumps(list(EXPRESSIONS)),
-                "skipped": "[]",
-                "source_format": "folder",
-                "package_version": "test",
-                "created": "2026-01-01T00:00:00+00:00",
-            }
-        )
-    return path
+    return write_cache_file(path, images, names, labels, splits)
 
 
 @functools.cache

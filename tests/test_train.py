@@ -82,7 +82,7 @@ def test_run_writes_outputs(full_run):
     for name in ("config.json", "epochs.csv", "metrics.json", "predictions.csv", "features.npz", "model.pt"):
         assert (full_run / name).is_file(), name
     assert not (full_run / "checkpoint.pt").exists(), "a finished run keeps no resume state"
-    assert not list(full_run.glob(".*.tmp")), "temporary files left behind"
+    assert not list(full_run.glob(".*.tmp-*")), "temporary files left behind"
 
     rows = _read_csv(full_run / "epochs.csv")
     assert tuple(rows[0].keys()) == EPOCH_COLUMNS
