@@ -220,6 +220,24 @@ class _Scan:
             logger.warning("skipped %d bad entries in total", len(self.skips.skipped))
 
 
+def _scan_loose_files(folder: Path, scan: _Scan, image_reason: str, other_reason: str) -> None:
+    """Account for the files directly in ``folder``, where no image can carry a label.
+
+    Known junk is counted, an image is a bad entry (``image_reason``) and any other file is
+    counted as ignored under ``other_reason``.
+    """
+    for entry in _listdir(folder):
+        if entry.is_dir():
+            continue
+        kind = junk_kind(entry)
+        if kind is not None:
+            scan.junk[kind] += 1
+        elif is_image_file(entry):
+            scan.skips.bad(entry, image_reason)
+        else:
+            scan.ignored[other_reason] += 1
+
+
 def junk_kind(path: Path) -> str | None:
     """Return why ``path`` is known junk (system files, hidden entries, notes), or None."""
     name = path.name.lower()
@@ -472,16 +490,12 @@ def _read_class_folders(parent: Path, root: Path, split: str, scan: _Scan) -> li
             "from unknown names."
         )
 
-    for entry in _listdir(parent):
-        if entry.is_dir():
-            continue
-        kind = junk_kind(entry)
-        if kind is not None:
-            scan.junk[kind] += 1
-        elif is_image_file(entry):
-            scan.skips.bad(entry, "image outside any class folder, so it has no label")
-        else:
-            scan.ignored[f"non-image file outside the class folders in {parent}"] += 1
+    _scan_loose_files(
+        parent,
+        scan,
+        image_reason="image outside any class folder, so it has no label",
+        other_reason=f"non-image file outside the class folders in {parent}",
+    )
 
     folders_by_label: dict[int, list[str]] = defaultdict(list)
     records = []
@@ -593,16 +607,12 @@ def _read_folder(root: Path, scan: _Scan) -> list[ImageRecord]:
             f"split folders in {root} differ only in case: {clashes}; merge or rename them"
         )
 
-    for entry in _listdir(root):
-        if entry.is_dir():
-            continue
-        kind = junk_kind(entry)
-        if kind is not None:
-            scan.junk[kind] += 1
-        elif is_image_file(entry):
-            scan.skips.bad(entry, "image outside any split and class folder, so it has no label")
-        else:
-            scan.ignored[f"non-image file at the top of {root}"] += 1
+    _scan_loose_files(
+        root,
+        scan,
+        image_reason="image outside any split and class folder, so it has no label",
+        other_reason=f"non-image file at the top of {root}",
+    )
 
     records = []
     for folder in split_folders:
