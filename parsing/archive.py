@@ -505,8 +505,13 @@ def _dataset_problems(archive: h5py.File, size: int) -> list[str]:
 def archive_format_problems(archive: h5py.File) -> list[str]:
     """List what makes ``archive`` an invalid version 1 mask archive, on its own (no cache needed)."""
     attrs = read_attrs(archive)
-    if attrs.get("format") != ARCHIVE_FORMAT:
-        return [f"format is {attrs.get('format')!r}, expected {ARCHIVE_FORMAT!r}"]
+    if "format" not in attrs:
+        return [
+            f"not a mask archive: the file has no 'format' attribute (expected {ARCHIVE_FORMAT!r}); "
+            "give an archive written by `slfer-parse parse`, `merge` or `derive`"
+        ]
+    if attrs["format"] != ARCHIVE_FORMAT:
+        return [f"format is {attrs['format']!r}, expected {ARCHIVE_FORMAT!r}"]
     if attrs.get("format_version") != ARCHIVE_FORMAT_VERSION:
         return [
             f"format_version is {attrs.get('format_version')!r}, this reader supports {ARCHIVE_FORMAT_VERSION}"

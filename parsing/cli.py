@@ -56,10 +56,7 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-MERGE_HELP = (
-    "19 -> 8 merge table: 19 comma-separated coarse class ids (0..7), entry i for BiSeNet class i "
-    "(default: parsing.labels.DEFAULT_MERGE_19_TO_8)"
-)
+MERGE_HELP = "19 -> 8 merge table: 19 comma-separated coarse class ids (0..7), entry i for BiSeNet class i"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +180,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     parse.add_argument(
         "--workers", type=_non_negative_int, default=2, help="DataLoader processes reading the cache (default: 2)"
     )
-    parse.add_argument("--merge", type=_merge_argument, help=MERGE_HELP)
+    parse.add_argument(
+        "--merge", type=_merge_argument, help=MERGE_HELP + " (default: parsing.labels.DEFAULT_MERGE_19_TO_8)"
+    )
     parse.add_argument(
         "--top-n", type=_non_negative_int, default=DEFAULT_TOP_N,
         help=f"number of dominant coarse classes marked in /topn (default: {DEFAULT_TOP_N})",
@@ -203,11 +202,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     merge.set_defaults(func=run_merge)
 
     derive = subparsers.add_parser(
-        "derive", help="rewrite an archive with another merge table or top-n, without parsing again",
+        "derive",
+        help="rewrite an archive with another merge table or top-n, without parsing again",
+        description="Copy a mask archive's 19-class masks and counts into a new archive whose 8-class "
+        "masks, counts and top-n labels follow another merge table and/or n.",
     )
     derive.add_argument("--archive", required=True, help="existing mask archive")
     derive.add_argument("--out", required=True, help="new mask archive to write")
-    derive.add_argument("--merge", type=_merge_argument, help=MERGE_HELP + "; default: the input archive's table")
+    derive.add_argument("--merge", type=_merge_argument, help=MERGE_HELP + " (default: the input archive's table)")
     derive.add_argument(
         "--top-n", type=_non_negative_int, help="number of dominant coarse classes (default: the input archive's)"
     )

@@ -503,3 +503,12 @@ def test_validate_other_source_files(tmp_path: Path):
     assert "other image files" in problems[0]
     with pytest.raises(ArchiveMismatchError, match="source_hash"):
         load_split(cache_b, archive, split="train")
+
+
+def test_validate_hdf5_without_format(tmp_path: Path, cache_path: Path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as file:
+        file.create_dataset("values", data=np.arange(3))
+    problems = validate_archive(other, cache_path)
+    assert len(problems) == 1
+    assert problems[0].startswith("not a mask archive: the file has no 'format' attribute")
