@@ -717,7 +717,7 @@ def train(
         final_metrics = write_final_outputs(out_dir, state, config, runtime, train_split, test_split, last_result)
         # A finished run keeps no resume state: the same command run again (for example
         # by `snakemake --force` on this run) trains afresh instead of resuming a run
-        # that has nothing left to do. model.pt holds the final weights.
+        # that has nothing left to do. model.pt contains the final weights.
         checkpoint_path.unlink()
         log.info(
             "finished %s: final-epoch test accuracy %.4f, mean class accuracy %.4f",

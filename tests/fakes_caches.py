@@ -1,6 +1,6 @@
 """Write image caches in the slfer-image-cache format (version 1) for tests.
 
-Tests of the parser and the archive need caches with chosen pixels and names; building
+Tests of the parser and the archive need caches with chosen pixels and names. Building
 them with h5py directly keeps those tests independent of the dataset readers.
 """
 
